@@ -34,7 +34,9 @@ from transformers import TrainingArguments
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
-from alignkit.adapters import check_adapter_weights, load_adapter_weights, save_adapter, saves_whole_model
+from alignkit.adapters import (
+    adapter_of, check_adapter_weights, load_adapter_weights, save_adapter, saves_whole_model,
+)
 from alignkit.distributed import (
     full_optimizer_state, full_parameters, is_deepspeed, is_fsdp2, load_full_optimizer_state,
 )
@@ -175,8 +177,12 @@ class Checkpointing:
 
     def training_settings(self) -> dict[str, Any]:
         """The objective's settings a resumed run must keep (recorded in each checkpoint's `STATE_JSON`, compared by
-        `check_resume`): the trainer's keyword arguments that change the loss. Subclasses add theirs to these."""
-        return {"weight_normalization": self.weight_normalization}
+        `check_resume`): the trainer's keyword arguments that change the loss, and the adapter's settings as
+        `adapter.<key>` (kind, lora.*, reft.*: a LoRA alpha or dropout, or ReFT positions, changed at a resume from a
+        checkpoint outside its run folder, where no config.yaml is compared, went on silently or stopped with an
+        unexpected error). Subclasses add theirs to these."""
+        adapter = {f"adapter.{k}": v for k, v in adapter_of(self.model).describe().items()}
+        return {"weight_normalization": self.weight_normalization, **adapter}
 
     def check_resume(self, checkpoint: str | os.PathLike, label: str = "resume_from_checkpoint") -> None:
         """Refuse (CheckpointError naming `label`) a checkpoint this trainer would not truly resume: any under DeepSpeed

@@ -1,0 +1,41 @@
+"""A resume from a checkpoint copied out of its run folder (`train.resume_from_checkpoint=kept/checkpoint-2`): no
+config.yaml beside it to compare, so only what the checkpoint itself records guards the resume (the same guard a
+Python caller of `trainer.train(resume_from_checkpoint=...)` has)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.reliability.test_resume_cli import cli
+
+LORA = ["adapter.kind=lora", "adapter.lora={r: 2, alpha: 4.0}"]
+CHANGES = {  # config, the first run's overrides, the resume's, what the one line names
+    "lora-alpha": ("sft-tiny.yaml", LORA, ["adapter.lora={r: 2, alpha: 16.0}"], "adapter.lora.alpha: 4.0 -> 16.0"),
+    "lora-dropout": ("sft-tiny.yaml", LORA, ["adapter.lora={r: 2, alpha: 4.0, dropout: 0.5}"],
+                     "adapter.lora.dropout: 0.0 -> 0.5"),
+    "reft-positions": ("sft-reft-tiny.yaml", [], ["adapter.reft.positions=f3+l3"],
+                       "adapter.reft.positions: 'f1+l1' -> 'f3+l3'"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHANGES))
+def test_a_copied_checkpoint_resumed_with_other_adapter_settings_is_refused(case, tmp_path, capsys):
+    """LoRA's alpha or dropout changed: the resume went on without a word (exit 0), training the checkpoint's
+    weights with another scaling / dropout under its optimizer state: neither run. ReFT's positions changed: exit 1,
+    'unexpected error: ValueError ... please report it', from the Trainer's load. Now the adapter's settings are in
+    each checkpoint's recorded training settings: one line naming `key: old -> new`, before the new folder exists."""
+    config, first, changed, said = CHANGES[case]
+    assert cli("sft", config, tmp_path / "a", [*first, "train.max_steps=2"]) == 0
+    ckpt = tmp_path / "kept" / "checkpoint-2"
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "checkpoint-2", ckpt)
+    capsys.readouterr()
+    resume = ["train.max_steps=3", f"train.resume_from_checkpoint={ckpt}"]
+    assert cli("sft", config, tmp_path / "b", [*first, *changed, *resume]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: train.resume_from_checkpoint: {ckpt} was "
+                                               f"trained with other settings than this run's ({said})"), err
+    assert not (tmp_path / "b").exists()
+    assert cli("sft", config, tmp_path / "b", [*first, *resume]) == 0  # the checkpoint's own settings resume
+
