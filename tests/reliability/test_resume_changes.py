@@ -39,3 +39,25 @@ def test_a_copied_checkpoint_resumed_with_other_adapter_settings_is_refused(case
     assert not (tmp_path / "b").exists()
     assert cli("sft", config, tmp_path / "b", [*first, *resume]) == 0  # the checkpoint's own settings resume
 
+
+@pytest.mark.parametrize("command, config", [("dpo", "dpo-tiny.yaml"), ("kto", "kto-tiny.yaml")])
+def test_a_copied_full_checkpoint_resumed_on_another_model_is_refused(command, config, tmp_path, tiny_dir, capsys):
+    """Full finetuning with a reference copy of the starting model: a checkpoint resumed with another model.path of
+    the same shapes went on (exit 0) with the checkpoint's policy scored against the other model as the reference
+    (a LoRA / ReFT checkpoint is refused by its alignkit_base.json; a full one records none). Now each checkpoint
+    records the reference's fingerprint: one line naming what differs and the model it was trained against."""
+    full = ["adapter.kind=full", "adapter.lora=null", "train.max_steps=2"]
+    base, other = tiny_dir("llama"), tiny_dir("llama", seed=1)
+    assert cli(command, config, tmp_path / "a", [f"model.path={base}", *full]) == 0
+    ckpt = tmp_path / "kept" / "checkpoint-2"
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "checkpoint-2", ckpt)
+    capsys.readouterr()
+    resume = [*full, "train.max_steps=3", f"train.resume_from_checkpoint={ckpt}"]
+    assert cli(command, config, tmp_path / "b", [f"model.path={other}", *resume]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith(
+        f"alignkit {command}: error: train.resume_from_checkpoint: {ckpt} was trained against another reference model "
+        f"than this run's (its input embedding weights differ (another model or revision with the same shapes); it "
+        f"was trained against {base})"), err
+    assert not (tmp_path / "b").exists()
+    assert cli(command, config, tmp_path / "b", [f"model.path={base}", *resume]) == 0
