@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from tests.reliability.test_resume_cli import cli
+from tests.reliability.test_resume_cli import cli, losses
 
 LORA = ["adapter.kind=lora", "adapter.lora={r: 2, alpha: 4.0}"]
 CHANGES = {  # config, the first run's overrides, the resume's, what the one line names
@@ -61,3 +61,18 @@ def test_a_copied_full_checkpoint_resumed_on_another_model_is_refused(command, c
         f"was trained against {base})"), err
     assert not (tmp_path / "b").exists()
     assert cli(command, config, tmp_path / "b", [f"model.path={base}", *resume]) == 0
+
+
+def test_a_resume_logs_and_saves_at_the_new_intervals(tmp_path):
+    """--resume with train.save_steps 2 -> 3 and logging_steps 1 -> 2 (changes a resume accepts, logged as made):
+    the Trainer took the intervals from the checkpoint's trainer_state.json, so the resumed run still saved at 6, 8
+    and logged every step 5-10 while config.yaml said 3 and 2. Now it saves at 6 and 9 (and 10, the last step) and
+    logs at 6, 8 and 10, as the new values say."""
+    run = tmp_path / "run"
+    assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=4"]) == 0
+    assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=10", "train.save_steps=3", "train.logging_steps=2"],
+               "--resume") == 0
+    saved = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*"))
+    assert saved == [2, 4, 6, 9, 10]
+    assert sorted(losses(run)) == [1, 2, 3, 4, 6, 8, 10]
+    assert "save_steps: 3" in (run / "config.yaml").read_text()

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
@@ -105,6 +105,17 @@ def removes_new_output_dir(init: Any) -> Any:
     return wrapper
 
 TRAINING_ARGS_JSON = "training_args.json"
+
+
+class ResumedStepSettings(TrainerCallback):
+    """A resume replaces the Trainer's state with the checkpoint's `trainer_state.json`, whose `logging_steps`,
+    `eval_steps` and `save_steps` (what `DefaultFlowCallback` reads at each step) are the first run's, with a warning
+    transformers' own logger gives: a resume with another train.logging_steps / eval_steps / save_steps (changes
+    `alignkit <command> --resume` accepts and logs as made) logged, evaluated and saved at the old intervals while
+    config.yaml showed the new ones (compat A32). At the start of training the state takes this run's again."""
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        state.compute_steps(args, state.max_steps)
 
 
 class Checkpointing:
@@ -279,6 +290,8 @@ class Checkpointing:
             if getattr(self, "_resume_checked", None) != Path(resume_from_checkpoint).resolve():
                 self.check_resume(resume_from_checkpoint)
             logger.info("resuming from %s", resume_from_checkpoint)
+            if not any(isinstance(c, ResumedStepSettings) for c in self.callback_handler.callbacks):
+                self.add_callback(ResumedStepSettings())
             self._num_tokens = _saved_num_tokens(resume_from_checkpoint)
             self._tokens_pending = None
         return resume_from_checkpoint
