@@ -4,11 +4,12 @@ Python caller of `trainer.train(resume_from_checkpoint=...)` has)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 
-from tests.reliability.test_resume_cli import cli, losses
+from tests.reliability.test_resume_cli import cli, killed_after, losses
 
 LORA = ["adapter.kind=lora", "adapter.lora={r: 2, alpha: 4.0}"]
 CHANGES = {  # config, the first run's overrides, the resume's, what the one line names
@@ -76,3 +77,21 @@ def test_a_resume_logs_and_saves_at_the_new_intervals(tmp_path):
     assert saved == [2, 4, 6, 9, 10]
     assert sorted(losses(run)) == [1, 2, 3, 4, 6, 8, 10]
     assert "save_steps: 3" in (run / "config.yaml").read_text()
+
+
+def test_a_resumed_runs_train_loss_is_the_mean_over_every_step(tmp_path, monkeypatch):
+    """Killed in step 3 of 4 (checkpoint-2) and resumed: the summary row's train_loss (metrics.jsonl, TensorBoard,
+    TrainOutput.training_loss) was the Trainer's mean over this call's steps, 3 and 4 only (rm: 0.418 against the
+    uninterrupted run's 0.526). Now it is the mean of the four logged step losses, as the uninterrupted run's."""
+    def summary(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["train_loss"] for r in rows if "train_loss" in r]
+
+    assert cli("rm", "rm-tiny.yaml", tmp_path / "whole", []) == 0
+    killed_after(monkeypatch, 2, "rm", "rm-tiny.yaml", tmp_path / "cut", [])
+    assert cli("rm", "rm-tiny.yaml", tmp_path / "cut", [], "--resume") == 0
+    steps = losses(tmp_path / "cut")
+    assert sorted(steps) == [1, 2, 3, 4] and steps == losses(tmp_path / "whole")
+    want = sum(steps.values()) / 4  # by hand: logging_steps=1, so each row's loss is one step's
+    assert summary(tmp_path / "whole") == [pytest.approx(want, rel=1e-6)]
+    assert summary(tmp_path / "cut") == [pytest.approx(want, rel=1e-6)]

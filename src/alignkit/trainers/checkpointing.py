@@ -219,7 +219,9 @@ class Checkpointing:
         Path(staging_root, name, STATE_JSON).write_text(json.dumps({"num_tokens": getattr(self, "_num_tokens", None),
                                                                     "world_size": self.args.world_size,
                                                                     "data_sha256": self.data_digest(),
-                                                                    "training_settings": self.training_settings()},
+                                                                    "training_settings": self.training_settings(),
+                                                                    "loss_sum": self.loss_sum_so_far(),
+                                                                    "loss_step": self.state.global_step},
                                                                    default=stable_name))
         commit_staging(staging_root / name, final, step=self.state.global_step)
         try:
@@ -233,6 +235,25 @@ class Checkpointing:
             self.state.best_model_checkpoint = str(final)
         rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def loss_sum_so_far(self) -> float | None:
+        """The summed training loss of every optimizer step so far: this call's (the Trainer's `_total_loss_scalar`,
+        the logged steps', plus `_tr_loss`, those not logged yet: compat A33) and the resumed checkpoint's."""
+        total, pending = getattr(self, "_total_loss_scalar", None), getattr(self, "_tr_loss", None)
+        if not isinstance(total, float) or not isinstance(pending, Tensor):
+            return None
+        earlier = getattr(self, "_resumed_loss", None)
+        return total + float(pending.item()) + (earlier[0] if earlier else 0.0)
+
+    def run_train_loss(self, logs: dict[str, Any]) -> None:
+        """The Trainer's summary `train_loss` is the mean over the steps of this `train()` call: after a resume, of
+        the resumed steps only (a run killed after 2 of 4 steps and resumed reported the mean of steps 3-4 in
+        metrics.jsonl's last row, TensorBoard and `TrainOutput.training_loss`). With the checkpoint's `loss_sum` it
+        is the run's mean over every step; a checkpoint without it (older alignkit) leaves the Trainer's."""
+        earlier = getattr(self, "_resumed_loss", None)
+        new = self.state.global_step - earlier[1] if earlier else 0
+        if "train_loss" in logs and earlier and new > 0:
+            logs["train_loss"] = (earlier[0] + float(logs["train_loss"]) * new) / self.state.global_step
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """FSDP2: the full optimizer state by parameter names (`distributed.full_optimizer_state`) in
@@ -265,7 +286,8 @@ class Checkpointing:
     def resume_point(self, resume_from_checkpoint: str | bool | None) -> str | bool | None:
         """What `train(resume_from_checkpoint)` resumes from: `True` is the newest COMPLETE checkpoint of
         `output_dir` (incomplete ones are skipped with a warning), and a path must be a complete checkpoint that
-        `check_resume` accepts; the cumulative `num_tokens` continues from it."""
+        `check_resume` accepts; the cumulative `num_tokens` and the summed loss (`run_train_loss`) continue from it."""
+        self._resumed_loss = None
         if resume_from_checkpoint is True:
             found = latest_complete_checkpoint(self.args.output_dir)
             if found is None:
@@ -293,6 +315,9 @@ class Checkpointing:
             if not any(isinstance(c, ResumedStepSettings) for c in self.callback_handler.callbacks):
                 self.add_callback(ResumedStepSettings())
             self._num_tokens = _saved_num_tokens(resume_from_checkpoint)
+            state = saved_state(resume_from_checkpoint)
+            if isinstance(state.get("loss_sum"), float) and isinstance(state.get("loss_step"), int):
+                self._resumed_loss = (state["loss_sum"], state["loss_step"])
             self._tokens_pending = None
         return resume_from_checkpoint
 
