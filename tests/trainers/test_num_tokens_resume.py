@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from transformers import TrainingArguments
 
 from alignkit.models.loading import load_model, load_tokenizer
@@ -64,3 +66,16 @@ def test_a_new_run_into_a_folder_of_checkpoints_says_it_replaces_them(tiny_dir, 
         SFTTrainer(load_model(path), _args(tmp_path / "a"), train_dataset=ROWS,
                    processing_class=tok).train(resume_from_checkpoint=True)
         assert not [r for r in caplog.records if "of an earlier run" in r.message]
+
+
+def test_a_resumed_runs_training_loss_counts_the_steps_before_the_checkpoint(tiny_dir, tmp_path):
+    """Resumed from checkpoint-2 (its 2 steps never logged: logging at step 3): `train()`'s training_loss and the
+    summary row's train_loss were the mean of steps 3-4 only; now the mean of all 4, as the uninterrupted run's."""
+    path = tiny_dir("llama")
+    tok = load_tokenizer(path)
+    a = SFTTrainer(load_model(path), _args(tmp_path / "a"), train_dataset=ROWS, processing_class=tok)
+    whole = a.train().training_loss
+    b = SFTTrainer(load_model(path), _args(tmp_path / "b"), train_dataset=ROWS, processing_class=tok)
+    out = b.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert out.training_loss == pytest.approx(whole, rel=1e-6)
+    assert [h["train_loss"] for h in b.state.log_history if "train_loss" in h] == [out.training_loss]

@@ -555,6 +555,7 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
             logger.info("no optimizer step was trained: no training summary is logged")
             return
         if mode == "train":
+            self.run_train_loss(logs)  # a resumed run's summary: the mean over every step, not the resumed ones
             self._flush_tokens()
             if getattr(self, "_num_tokens", None) is not None:
                 logs["num_tokens"] = self._num_tokens  # cumulative input tokens of training, all processes
@@ -581,7 +582,8 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
         the ReFT prefix cache."""
         resume_from_checkpoint = self.resume_point(resume_from_checkpoint)
         with prefix_cache(self.model, self.reft_prefix_cache, data_passes(self.args, self.train_dataset), self.args):
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            out = super().train(resume_from_checkpoint, *args, **kwargs)
+        return out._replace(training_loss=out.metrics.get("train_loss", out.training_loss))  # run_train_loss's
 
 
 # packed_collator / shared_prompt_collator live in trainers/data_prep.py; still importable from here (preference.py)

@@ -30,11 +30,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
-from alignkit.adapters import check_adapter_weights, load_adapter_weights, save_adapter, saves_whole_model
+from alignkit.adapters import (
+    adapter_of, check_adapter_weights, load_adapter_weights, save_adapter, saves_whole_model,
+)
 from alignkit.distributed import (
     full_optimizer_state, full_parameters, is_deepspeed, is_fsdp2, load_full_optimizer_state,
 )
@@ -103,6 +105,17 @@ def removes_new_output_dir(init: Any) -> Any:
     return wrapper
 
 TRAINING_ARGS_JSON = "training_args.json"
+
+
+class ResumedStepSettings(TrainerCallback):
+    """A resume replaces the Trainer's state with the checkpoint's `trainer_state.json`, whose `logging_steps`,
+    `eval_steps` and `save_steps` (what `DefaultFlowCallback` reads at each step) are the first run's, with a warning
+    transformers' own logger gives: a resume with another train.logging_steps / eval_steps / save_steps (changes
+    `alignkit <command> --resume` accepts and logs as made) logged, evaluated and saved at the old intervals while
+    config.yaml showed the new ones (compat A32). At the start of training the state takes this run's again."""
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        state.compute_steps(args, state.max_steps)
 
 
 class Checkpointing:
@@ -175,8 +188,12 @@ class Checkpointing:
 
     def training_settings(self) -> dict[str, Any]:
         """The objective's settings a resumed run must keep (recorded in each checkpoint's `STATE_JSON`, compared by
-        `check_resume`): the trainer's keyword arguments that change the loss. Subclasses add theirs to these."""
-        return {"weight_normalization": self.weight_normalization}
+        `check_resume`): the trainer's keyword arguments that change the loss, and the adapter's settings as
+        `adapter.<key>` (kind, lora.*, reft.*: a LoRA alpha or dropout, or ReFT positions, changed at a resume from a
+        checkpoint outside its run folder, where no config.yaml is compared, went on silently or stopped with an
+        unexpected error). Subclasses add theirs to these."""
+        adapter = {f"adapter.{k}": v for k, v in adapter_of(self.model).describe().items()}
+        return {"weight_normalization": self.weight_normalization, **adapter}
 
     def check_resume(self, checkpoint: str | os.PathLike, label: str = "resume_from_checkpoint") -> None:
         """Refuse (CheckpointError naming `label`) a checkpoint this trainer would not truly resume: any under DeepSpeed
@@ -202,7 +219,9 @@ class Checkpointing:
         Path(staging_root, name, STATE_JSON).write_text(json.dumps({"num_tokens": getattr(self, "_num_tokens", None),
                                                                     "world_size": self.args.world_size,
                                                                     "data_sha256": self.data_digest(),
-                                                                    "training_settings": self.training_settings()},
+                                                                    "training_settings": self.training_settings(),
+                                                                    "loss_sum": self.loss_sum_so_far(),
+                                                                    "loss_step": self.state.global_step},
                                                                    default=stable_name))
         commit_staging(staging_root / name, final, step=self.state.global_step)
         try:
@@ -216,6 +235,25 @@ class Checkpointing:
             self.state.best_model_checkpoint = str(final)
         rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def loss_sum_so_far(self) -> float | None:
+        """The summed training loss of every optimizer step so far: this call's (the Trainer's `_total_loss_scalar`,
+        the logged steps', plus `_tr_loss`, those not logged yet: compat A33) and the resumed checkpoint's."""
+        total, pending = getattr(self, "_total_loss_scalar", None), getattr(self, "_tr_loss", None)
+        if not isinstance(total, float) or not isinstance(pending, Tensor):
+            return None
+        earlier = getattr(self, "_resumed_loss", None)
+        return total + float(pending.item()) + (earlier[0] if earlier else 0.0)
+
+    def run_train_loss(self, logs: dict[str, Any]) -> None:
+        """The Trainer's summary `train_loss` is the mean over the steps of this `train()` call: after a resume, of
+        the resumed steps only (a run killed after 2 of 4 steps and resumed reported the mean of steps 3-4 in
+        metrics.jsonl's last row, TensorBoard and `TrainOutput.training_loss`). With the checkpoint's `loss_sum` it
+        is the run's mean over every step; a checkpoint without it (older alignkit) leaves the Trainer's."""
+        earlier = getattr(self, "_resumed_loss", None)
+        new = self.state.global_step - earlier[1] if earlier else 0
+        if "train_loss" in logs and earlier and new > 0:
+            logs["train_loss"] = (earlier[0] + float(logs["train_loss"]) * new) / self.state.global_step
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """FSDP2: the full optimizer state by parameter names (`distributed.full_optimizer_state`) in
@@ -248,7 +286,8 @@ class Checkpointing:
     def resume_point(self, resume_from_checkpoint: str | bool | None) -> str | bool | None:
         """What `train(resume_from_checkpoint)` resumes from: `True` is the newest COMPLETE checkpoint of
         `output_dir` (incomplete ones are skipped with a warning), and a path must be a complete checkpoint that
-        `check_resume` accepts; the cumulative `num_tokens` continues from it."""
+        `check_resume` accepts; the cumulative `num_tokens` and the summed loss (`run_train_loss`) continue from it."""
+        self._resumed_loss = None
         if resume_from_checkpoint is True:
             found = latest_complete_checkpoint(self.args.output_dir)
             if found is None:
@@ -273,7 +312,12 @@ class Checkpointing:
             if getattr(self, "_resume_checked", None) != Path(resume_from_checkpoint).resolve():
                 self.check_resume(resume_from_checkpoint)
             logger.info("resuming from %s", resume_from_checkpoint)
+            if not any(isinstance(c, ResumedStepSettings) for c in self.callback_handler.callbacks):
+                self.add_callback(ResumedStepSettings())
             self._num_tokens = _saved_num_tokens(resume_from_checkpoint)
+            state = saved_state(resume_from_checkpoint)
+            if isinstance(state.get("loss_sum"), float) and isinstance(state.get("loss_step"), int):
+                self._resumed_loss = (state["loss_sum"], state["loss_step"])
             self._tokens_pending = None
         return resume_from_checkpoint
 

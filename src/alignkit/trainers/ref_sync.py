@@ -12,11 +12,18 @@ FSDP / DeepSpeed (the reference is sharded by the engine; the mix on the shards 
 
 After a sync the reference is no longer the initial model, so every checkpoint holds it (`reference.safetensors`,
 written into the staged checkpoint before it is committed) and a resume loads it; a checkpoint without it is refused.
+
+Without syncing, a resume builds its reference anew (a copy of the model it was given, or the `ref_model` passed):
+every checkpoint of a trainer with a reference model records that model's `base_fingerprint` as it was before the
+first step (`reference_base.json`), and a resume whose reference differs is refused (a full-finetuning DPO / KTO run
+resumed from a checkpoint outside its run folder with another model.path scored its pairs against that other model
+without a word).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -30,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
-from alignkit.adapters import can_switch_off, unwrap_lm
+from alignkit.adapters import base_fingerprint, base_mismatch, can_switch_off, unwrap_lm
 from alignkit.distributed import requested_engine
 from alignkit.run_commit import CheckpointError
 from alignkit.settings.sections import RefSync
@@ -39,6 +46,7 @@ from alignkit.settings.typed import ConfigError
 logger = logging.getLogger(__name__)
 
 REFERENCE_FILE = "reference.safetensors"
+REFERENCE_BASE_FILE = "reference_base.json"
 
 
 def as_ref_sync(value: RefSync | dict[str, Any] | None) -> RefSync | None:
@@ -148,11 +156,14 @@ class SyncsReference:
 
     ref_sync: RefSync | None = None
     ref_syncs: int = 0
+    reference_base: dict[str, Any] | None = None
 
     def setup_ref_sync(self, ref_sync: RefSync | None) -> None:
         """After `AlignTrainer.__init__` and `Reference.place`: the engine check and the callback."""
         refuse_sharded_ref_sync(ref_sync, self.accelerator, type(self).__name__)
         self.ref_sync, self.ref_syncs = ref_sync, 0
+        model = self.reference.model  # its identity before any step moves it (recorded in each checkpoint)
+        self.reference_base = base_fingerprint(model) if model is not None else None
         if ref_sync is not None:
             self.add_callback(RefSyncCallback(self))
 
@@ -163,6 +174,8 @@ class SyncsReference:
     def save_checkpoint_extras(self, folder: Path) -> None:
         """The reference's weights (main process), into the staged checkpoint before it is committed."""
         super().save_checkpoint_extras(folder)
+        if self.reference_base is not None:
+            Path(folder, REFERENCE_BASE_FILE).write_text(json.dumps(self.reference_base) + "\n")
         if self.ref_sync is None:
             return
         save_reference(self.reference.model, folder, {"ref_syncs": self.ref_syncs})
@@ -173,7 +186,23 @@ class SyncsReference:
                                   "the reference is no longer the initial model, so the resumed run would score "
                                   "against the wrong one; resume from a checkpoint written with ref_sync, or start a "
                                   "new run in another output_dir")
+        self.check_reference_base(checkpoint, label)
         super().check_resume(checkpoint, label)
+
+    def check_reference_base(self, checkpoint: str | os.PathLike, label: str) -> None:
+        """Refuse a checkpoint whose run scored against another reference model than this trainer's (its
+        `REFERENCE_BASE_FILE`; not compared when either side has none, or when ref_sync loads the checkpoint's)."""
+        path = Path(checkpoint, REFERENCE_BASE_FILE)
+        if self.ref_sync is not None or self.reference_base is None or not path.is_file():
+            return
+        saved = json.loads(path.read_text())
+        why = base_mismatch(saved, self.reference_base) if isinstance(saved, dict) else None
+        if why is not None:
+            was = f"; it was trained against {saved['name_or_path']}" if saved.get("name_or_path") else ""
+            raise CheckpointError(f"{label}: {checkpoint} was trained against another reference model than this "
+                                  f"run's ({why}{was}): the resumed run would score its pairs against this one, so it "
+                                  "would continue neither run; resume with the model (model.path) the checkpoint's run "
+                                  "started from, or start a new run from its weights in another output_dir")
 
     def resume_point(self, resume_from_checkpoint: str | bool | None) -> str | bool | None:
         point = super().resume_point(resume_from_checkpoint)
@@ -187,5 +216,5 @@ class SyncsReference:
         logger.info("reference weights loaded from %s (%d sync(s) so far)", checkpoint, self.ref_syncs)
 
 
-__all__ = ["REFERENCE_FILE", "save_reference", "load_reference", "RefSyncCallback", "SyncsReference", "as_ref_sync",
-           "check_ref_sync", "mix_into_reference", "refuse_sharded_ref_sync"]
+__all__ = ["REFERENCE_BASE_FILE", "REFERENCE_FILE", "save_reference", "load_reference", "RefSyncCallback",
+           "SyncsReference", "as_ref_sync", "check_ref_sync", "mix_into_reference", "refuse_sharded_ref_sync"]
