@@ -41,6 +41,7 @@ from alignkit.online import (ANNOTATORS, AnnotatorArgumentError, GRPOTrainer, On
                              RLOOTrainer, build_annotator)
 from alignkit.interventions.positions import Positions, check_truncated_prompts
 from alignkit.data.tokenize import TokenizeConfig, tokenize_records
+from alignkit.distributed import refuse_fsdp1_on_cpu
 from alignkit.online.generation import encode_prompt, encode_prompts
 from alignkit.online.ptx import check_ptx_tokens
 from alignkit.trainers.precision import weight_dtypes
@@ -355,6 +356,7 @@ def _ema_card(card: ModelCard, cfg: Any, trainer: Any, named: Any, base_path: st
 def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet: bool = False,
                   allow_code: bool = False) -> int:
     check_code_allowed(cfg.annotator, allow_code)  # before anything is loaded or written
+    refuse_fsdp1_on_cpu()  # each process alone, before any waits on the others (the trainer checks it again)
     prompts, held_out = read_prompt_splits(cfg.data)  # data errors come before any model is built
     formats = check_formats(cfg.model, (r.prompt for r in prompts), cfg.data.formatter)  # recorded in model/
     tcfg = cfg.trainer_config()

@@ -33,7 +33,7 @@ from alignkit.cli.runfolder import (abandon_run, add_config_command, begin_run, 
                                    moved_reference, plan_run)
 from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
 from alignkit.interventions.positions import check_prompt_lengths, check_truncated_prompts
-from alignkit.distributed import requested_engine
+from alignkit.distributed import refuse_fsdp1_on_cpu, requested_engine
 from alignkit.losses import PreferenceParams
 from alignkit.models.efficiency import check_fullgraph, compile_layers
 from alignkit.models.rope import check_context
@@ -243,6 +243,7 @@ class _Inputs:
 def _inputs(cfg: Any, command: str) -> _Inputs:
     """Data, base model + adapter and features, each checked: data errors come before any model is built."""
     check_precision(cfg.train)
+    refuse_fsdp1_on_cpu()  # each process alone, before any waits on the others (the trainer checks it again)
     kind = record_kind(command, cfg.method)
     train_records, eval_records = load_data(cfg.data, kind)
     warn_unread_margins(train_records + eval_records, command)
