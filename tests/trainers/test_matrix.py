@@ -183,16 +183,21 @@ def test_evaluation_of_weighted_data_logs_the_weighted_figures(name, make_model,
                 p.normal_(0, 0.3)
     weights = [1.0, 0.0, 3.0]
     three = [{**f, "weight": w} for f, w in zip(features[data][:3], weights)]
-    coupled = "sft" in list(extra.get("loss_type", []))  # DPO's sft term divides by the batch's chosen tokens
-    trainer = cls(model, fast_args(tmp_path, per_device_eval_batch_size=1 if coupled else 2), train_dataset=features[data],
+    coupled = "sft" in list(extra.get("loss_type", []))  # DPO's sft term divides by the set's chosen tokens
+    trainer = cls(model, fast_args(tmp_path, per_device_eval_batch_size=2), train_dataset=features[data],
                   eval_dataset=three, data_collator=collators[data], **extra)
     got = trainer.evaluate()
     alone = [trainer.evaluate(eval_dataset=[f]) for f in three]
     names = [m for m in cls.objective_metrics(**extra, ranked=data == "ranked")
              if m not in getattr(cls, "unweighted_metrics", ())]
     assert {k for k in got if k.startswith("eval_weighted/")} == {f"eval_weighted/{m}" for m in names}
+    values = {m: [a[f"eval_{m}"] for a in alone] for m in names}
+    if coupled:  # an evaluation scales the sft term by the whole set's N / T (pairs / chosen tokens), as a training
+        # step: example i's value is its NLL sum (alone: sum / T_i) times 3 / (T_1 + T_2 + T_3)
+        tokens = [max(float(collators[data]([f])["completion_mask"][0, 1:].sum()), 1.0) for f in three]
+        values["loss/sft"] = [v * t * len(three) / sum(tokens) for v, t in zip(values["loss/sft"], tokens)]
     for m in names:
-        want = sum(w * a[f"eval_{m}"] for w, a in zip(weights, alone)) / sum(weights)
+        want = sum(w * v for w, v in zip(weights, values[m])) / sum(weights)
         assert got[f"eval_weighted/{m}"] == pytest.approx(want, rel=1e-4, abs=1e-6), m
     assert not any(k.startswith("eval_weighted/") for k in trainer.evaluate(eval_dataset=features[data][:3]))
 
